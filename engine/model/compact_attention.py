@@ -37,7 +37,6 @@ from engine.model.attention import (
     ReferenceAttention,
     check_reference_features,
     flatten_input,
-    flatten_references,
     unflatten_input,
 )
 
@@ -59,35 +58,59 @@ def l2_normalize(x: Tensor, dim: int = -1) -> Tensor:
     return x / (EPS + x.norm(dim=dim, keepdim=True))
 
 
-def responsibility_bases(A: Tensor, X: Tensor) -> Tensor:
-    """``norm(A^T X)`` of eqs 2 and 4. A (B, N, p), X (B, N, c) -> (B, p, c)."""
-    z = A / (EPS + A.sum(dim=1, keepdim=True))  # (B, N, p), each basis's responsibilities sum to 1 over pixels
-    return l2_normalize(z.transpose(1, 2) @ X)  # (B, p, c)
+def responsibility_bases(AtX: Tensor, mass: Tensor) -> Tensor:
+    """``norm(A^T X)`` of eqs 2 and 4 from its accumulated parts.
 
-
-def em_step(X_l: Tensor, B_l: Tensor, lambda_: float) -> tuple[Tensor, Tensor]:
-    """One iteration of eqs 1-3. X_l (B, N, c), B_l (B, p, c) -> (A_b (B, N, p), updated B_l (B, p, c))."""
-    A_b = torch.softmax(X_l @ B_l.transpose(1, 2), dim=-1)  # (B, N, p), eq. 1
-    B_new = responsibility_bases(A_b, X_l)  # eq. 2
-    return A_b, (1.0 - lambda_) * B_l + lambda_ * B_new  # eq. 3
-
-
-def extract_bases(
-    X_l: Tensor, X_a: Tensor, B_0: Tensor, s: int, lambda_: float, m: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Eqs 1-4 on flattened features (the reference path every kernel is checked against).
-
-    X_l, X_a (B, N = m*h*w, c); B_0 (p, c) -> B_l (B, p, c), B_a (B, p, c), ref_share (B, p, m).
+    AtX (B, p, c) = A^T X summed over pixels; mass (B, p) = each basis's total responsibility. Dividing by the mass is
+    EMANet's ``z / (1e-6 + sum_pixels z)``; the L2 normalisation over channels follows.
     """
-    B, N, _ = X_l.shape
-    B_l = B_0.unsqueeze(0).expand(B, -1, -1)
+    return l2_normalize(AtX / (EPS + mass.unsqueeze(-1)))  # (B, p, c)
+
+
+def em_pass(X_l: Tensor, B_l: Tensor, X_a: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One E-step (eq. 1) and the sums of the M-step (eqs 2, 4), one reference at a time.
+
+    X_l, X_a (B, m, c, hw); B_l (B, p, c) -> A_b^T X_l (B, p, c), A_b^T X_a (B, p, c) or None, mass (B, m, p).
+    Working per reference keeps the attention map at hw x p instead of mhw x p (the fused kernel goes further and
+    never stores it); the result is the same as the paper's single hmw x c reshape.
+    """
+    AtX_l: Tensor | None = None
+    AtX_a: Tensor | None = None
+    masses = []
+    for j in range(X_l.shape[1]):
+        A_t = torch.softmax(B_l @ X_l[:, j], dim=1)  # (B, p, hw): A_b^T for reference j, softmax over p (eq. 1)
+        part = A_t @ X_l[:, j].transpose(1, 2)  # (B, p, c)
+        AtX_l = part if AtX_l is None else AtX_l + part
+        if X_a is not None:
+            part_a = A_t @ X_a[:, j].transpose(1, 2)
+            AtX_a = part_a if AtX_a is None else AtX_a + part_a
+        masses.append(A_t.sum(dim=-1))  # (B, p)
+    assert AtX_l is not None
+    return AtX_l, AtX_a, torch.stack(masses, dim=1)
+
+
+def extract_bases(X_l: Tensor, X_a: Tensor, B_0: Tensor, s: int, lambda_: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Eqs 1-4: the reference path every kernel is checked against.
+
+    X_l, X_a (B, m, c, hw); B_0 (p, c) -> B_l (B, p, c), B_a (B, p, c), ref_share (B, p, m).
+    """
+    from engine import kernels  # the one place that picks the fused kernel or this file's reference pass
+
+    B_l = B_0.unsqueeze(0).expand(X_l.shape[0], -1, -1)
+    needs_grad = torch.is_grad_enabled() and (X_l.requires_grad or X_a.requires_grad)
     with torch.no_grad():
+        pass_ = kernels.em_pass_for(X_l, needs_grad=False)
         for _ in range(s - 1):
-            _, B_l = em_step(X_l, B_l, lambda_)
-    A_b, B_l = em_step(X_l, B_l.detach(), lambda_)  # the last iteration carries gradients (module docstring)
-    B_a = responsibility_bases(A_b, X_a)  # eq. 4, reusing the last attention map
-    mass = A_b.reshape(B, m, N // m, -1).sum(dim=2)  # (B, m, p): responsibility per reference
-    ref_share = (mass / (EPS + mass.sum(dim=1, keepdim=True))).transpose(1, 2)  # (B, p, m)
+            AtX_l, _, mass = pass_(X_l, B_l)
+            B_l = (1.0 - lambda_) * B_l + lambda_ * responsibility_bases(AtX_l, mass.sum(dim=1))  # eqs 2-3
+    # The last iteration carries gradients (module docstring) and shares its map A_b with eq. 4.
+    B_l = B_l.detach()
+    AtX_l, AtX_a, mass = kernels.em_pass_for(X_l, needs_grad)(X_l, B_l, X_a)
+    assert AtX_a is not None
+    total = mass.sum(dim=1)  # (B, p)
+    B_l = (1.0 - lambda_) * B_l + lambda_ * responsibility_bases(AtX_l, total)  # eqs 2-3
+    B_a = responsibility_bases(AtX_a, total)  # eq. 4
+    ref_share = (mass / (EPS + total.unsqueeze(1))).transpose(1, 2)  # (B, p, m)
     return B_l, B_a, ref_share
 
 
@@ -113,10 +136,10 @@ class CompactAttention(ReferenceAttention):
 
     def extract(self, X_l: Tensor, X_a: Tensor) -> Bases:
         check_reference_features(X_l, X_a)
-        m = X_l.shape[1]
+        B, m, c, h, w = X_l.shape
         # clone: the training update below writes the buffer in place after autograd saved it.
         B_l, B_a, ref_share = extract_bases(
-            flatten_references(X_l), flatten_references(X_a), self.bases_init.clone(), self.s, self.lambda_, m
+            X_l.reshape(B, m, c, h * w), X_a.reshape(B, m, c, h * w), self.bases_init.clone(), self.s, self.lambda_
         )
         if self.training:
             self._update_bases_init(B_l)
@@ -132,10 +155,12 @@ class CompactAttention(ReferenceAttention):
     def aggregate(self, X_in: Tensor, memory: Memory) -> tuple[Tensor, Tensor]:
         if not isinstance(memory, Bases):
             raise TypeError(f"CompactAttention needs Bases, got {type(memory).__name__}")
-        X_basis, A_in = aggregate_bases(flatten_input(X_in), memory.B_l, memory.B_a)  # (B, hw, c), (B, hw, p)
+        from engine import kernels
+
         # Share of attention per reference: each basis passes its attention on in proportion to ref_share.
-        ref_weights = (A_in.mean(dim=1).unsqueeze(1) @ memory.ref_share).squeeze(1)  # (B, m)
+        X_basis, pixel_weights = kernels.aggregate(flatten_input(X_in), memory.B_l, memory.B_a, memory.ref_share)
+        ref_weights = pixel_weights.mean(dim=1)  # (B, hw, m) -> (B, m)
         return unflatten_input(X_basis, X_in), ref_weights
 
 
-__all__ = ["Bases", "CompactAttention", "aggregate_bases", "em_step", "extract_bases", "l2_normalize"]
+__all__ = ["Bases", "CompactAttention", "aggregate_bases", "em_pass", "extract_bases", "l2_normalize"]
