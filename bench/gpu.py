@@ -114,7 +114,7 @@ def frame_rows() -> list[list[object]]:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     return frame()
 
-            t32, t16 = cuda_ms(frame), cuda_ms(frame_bf16)
+            t32, t16 = cuda_ms(frame), cuda_ms(frame_bf16)  # bf16: autocast, so aggregation takes the SDPA path
             t_extract = cuda_ms(lambda model=model, feats=feats: model.extract(feats))
             rows.append([kind, B, t32, B * 1000 / t32, t16, B * 1000 / t16, t_extract])
             print(rows[-1], flush=True)

@@ -2,8 +2,10 @@
 
 - Basis extraction's E-step pass (eqs 1, 2, 4): the Triton kernel in compact_triton.py on CUDA when no gradient is
   needed through it; otherwise the PyTorch reference ``engine.model.compact_attention.em_pass``.
-- Aggregation (eqs 5-6): on CUDA, torch's fused scaled_dot_product_attention with scale 1 (a flash-style kernel:
-  softmax(X_in B_l^T) B_a without storing the hw x p map); elsewhere the reference softmax and matmul.
+- Aggregation (eqs 5-6): for half-precision CUDA tensors, torch's fused scaled_dot_product_attention with scale 1
+  (a flash kernel: softmax(X_in B_l^T) B_a without storing the hw x p map); otherwise the reference softmax and
+  matmul. Measured on an H200 (docs/benchmarks.md, "gpu"): in fp32 the map is small (hw x p, 2 MiB at 64x64) and
+  the plain path ran 0.10-0.13 ms against SDPA's 0.18-0.44 ms, so fp32 keeps the plain path.
 
 The reference path is the oracle: tests check every kernel against it (tests/engine/test_kernels.py).
 """
@@ -54,7 +56,7 @@ def em_pass_for(x: Tensor, needs_grad: bool) -> Callable[..., Any]:
 def aggregate(X_in: Tensor, B_l: Tensor, B_a: Tensor, ref_share: Tensor) -> tuple[Tensor, Tensor]:
     """Eqs 5-6 and the reference weights. X_in (B, hw, c) -> X_basis (B, hw, c), per-pixel weights (B, hw, m)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (X_in, B_l, B_a))
-    if use_fused(X_in, needs_grad):
+    if use_fused(X_in, needs_grad) and X_in.dtype in (torch.float16, torch.bfloat16):
         c = B_a.shape[-1]
         # One fused attention over V = [B_a | ref_share]: the same softmax weights give X_basis and, since
         # A_in ref_share is linear in A_in, the per-pixel share of each reference.

@@ -85,11 +85,21 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
+def _programs_wanted(device: torch.device) -> int:
+    """About two programs per SM: enough to fill the GPU, few enough that the partial sums stay small."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the CPU interpreter runs programs one by one
+
+
 def em_pass_triton(
-    X_l: Tensor, B_l: Tensor, X_a: Tensor | None = None, block_n: int = 32, chunk: int = 1024
+    X_l: Tensor, B_l: Tensor, X_a: Tensor | None = None, block_n: int = 32, chunk: int | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Drop-in for compact_attention.em_pass: X_l, X_a (B, m, c, hw); B_l (B, p, c) ->
-    A_b^T X_l (B, p, c), A_b^T X_a (B, p, c) or None, mass (B, m, p). fp32 accumulation."""
+    A_b^T X_l (B, p, c), A_b^T X_a (B, p, c) or None, mass (B, m, p). fp32 accumulation.
+
+    ``chunk`` (pixels per program, a power of two) defaults to spreading the B*m*hw pixels over about two programs
+    per SM, so the partial-sum buffer is O(SMs * p * c) whatever the number of pixels."""
     B, m, c, hw = X_l.shape
     p = B_l.shape[1]
     P, C = _pow2(p), _pow2(c)
@@ -97,7 +107,9 @@ def em_pass_triton(
     Xa = X_a.float().contiguous() if X_a is not None else X_l
     Bl = torch.zeros(B, P, C, device=X_l.device, dtype=torch.float32)
     Bl[:, :p, :c] = B_l
-    chunk = min(chunk, max(block_n, triton.next_power_of_2(hw)))
+    if chunk is None:
+        chunk = triton.next_power_of_2(triton.cdiv(B * m * hw, _programs_wanted(X_l.device)))
+    chunk = min(max(chunk, block_n), max(block_n, triton.next_power_of_2(hw)))
     n_chunks = triton.cdiv(hw, chunk)
     AtX = torch.empty(B, m, n_chunks, P, C, device=X_l.device, dtype=torch.float32)
     AtXa = torch.empty_like(AtX) if X_a is not None else AtX

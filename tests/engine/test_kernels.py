@@ -99,3 +99,19 @@ def test_cuda_fused_attention_matches_reference(m, size):
         torch.testing.assert_close(getattr(mem, k), getattr(ref_mem, k), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got[0], ref[0], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(got[1], ref[1], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_half_precision_aggregation_uses_sdpa_and_matches():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    X_in = torch.randn(2, 4096, 128, device="cuda", generator=g)
+    B_l = torch.nn.functional.normalize(torch.randn(2, 128, 128, device="cuda", generator=g), dim=-1)
+    B_a = torch.nn.functional.normalize(torch.randn(2, 128, 128, device="cuda", generator=g), dim=-1)
+    share = torch.softmax(torch.randn(2, 128, 3, device="cuda", generator=g), dim=-1)
+    ref, A = aggregate_bases(X_in, B_l, B_a)
+    with torch.no_grad():
+        got, w = kernels.aggregate(X_in.bfloat16(), B_l.bfloat16(), B_a.bfloat16(), share.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=0, atol=3e-2)
+    torch.testing.assert_close(w.float(), A @ share, rtol=0, atol=3e-2)
