@@ -86,20 +86,24 @@ def _pow2(n: int, floor: int = 16) -> int:
 
 
 def _programs_wanted(device: torch.device) -> int:
-    """About two programs per SM: enough to fill the GPU, few enough that the partial sums stay small."""
+    """About one program per SM: enough to fill the GPU, few enough that the partial sums stay small.
+
+    Measured on an H200 (X (1, 8, 128, 4096), p = 128): 0.36 ms a pass at 256-pixel chunks (128 programs) against
+    1.08 ms at 1024 and 0.42 ms at 64, where the partial sums are 4x larger."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the CPU interpreter runs programs one by one
 
 
 def em_pass_triton(
-    X_l: Tensor, B_l: Tensor, X_a: Tensor | None = None, block_n: int = 32, chunk: int | None = None
+    X_l: Tensor, B_l: Tensor, X_a: Tensor | None = None, block_n: int = 16, chunk: int | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Drop-in for compact_attention.em_pass: X_l, X_a (B, m, c, hw); B_l (B, p, c) ->
     A_b^T X_l (B, p, c), A_b^T X_a (B, p, c) or None, mass (B, m, p). fp32 accumulation.
 
-    ``chunk`` (pixels per program, a power of two) defaults to spreading the B*m*hw pixels over about two programs
-    per SM, so the partial-sum buffer is O(SMs * p * c) whatever the number of pixels."""
+    ``chunk`` (pixels per program, a power of two) defaults to spreading the B*m*hw pixels over about one program
+    per SM, so the partial-sum buffer is O(SMs * p * c) whatever the number of pixels. ``block_n`` = 16 pixels a
+    tile: the P x C accumulators already fill the registers, and on an H200 tiles of 32 or 64 ran 5-10x slower."""
     B, m, c, hw = X_l.shape
     p = B_l.shape[1]
     P, C = _pow2(p), _pow2(c)
