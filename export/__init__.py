@@ -1,0 +1,1 @@
+"""Export of the model to ONNX and TensorRT (``aca export``)."""

@@ -85,3 +85,45 @@ def random_model(preset_name: str = "tiny", seed: int = 0) -> LoadedModel:
         torch.manual_seed(seed)
         model = ACAVid2Vid(preset(preset_name))
     return LoadedModel(model=model.eval(), model_id=f"random:{preset_name}:{seed}", step=0, meta={})
+
+
+# ---------------------------------------------------------------------------------------------- shipped models
+
+#: The shipped model the server uses by default (models/README.md is its model card).
+DEFAULT_SHIPPED = "aca-face-64"
+REGISTRY_FILE = "models.json"
+
+
+def models_dir() -> Path:
+    """models/ at the repository root (read when called, never at import)."""
+    return Path(__file__).resolve().parents[2] / "models"
+
+
+def shipped_models(directory: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The registry ``models/models.json``: name -> {"file", "sha256", "config", ...}."""
+    import json
+
+    path = (directory or models_dir()) / REGISTRY_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no model registry at {path}")
+    data: dict[str, dict[str, Any]] = json.loads(path.read_text())
+    return data
+
+
+def shipped_model_path(name: str = DEFAULT_SHIPPED, directory: Path | None = None) -> Path:
+    """The verified path of a shipped model: its file exists, its sha256 and its config are the registry's.
+
+    ``CheckpointError`` otherwise (a truncated download, an LFS pointer, a retrained file without a new card).
+    """
+    directory = directory or models_dir()
+    registry = shipped_models(directory)
+    if name not in registry:
+        raise CheckpointError(f"unknown shipped model {name!r}; known: {sorted(registry)}")
+    entry = registry[name]
+    path = directory / entry["file"]
+    if not path.is_file():
+        raise CheckpointError(f"shipped model {name!r} is missing: {path}")
+    loaded = load_checkpoint(path, expected_sha256=entry["sha256"])
+    if loaded.model.cfg.to_dict() != entry["config"]:
+        raise CheckpointError(f"{path}: its config differs from the registry's entry for {name!r}")
+    return path

@@ -112,6 +112,7 @@ class Synthesizer:
         self.backend = backend
         self.cfg = backend.model.cfg
         self.model_id = model_id
+        self.device = backend.device
         self.bases = BasesCache(cache_bytes)
         # Reference tensors per identity (images and labels as model inputs): small, reused every frame.
         self._refs: OrderedDict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = OrderedDict()
@@ -129,9 +130,8 @@ class Synthesizer:
     ) -> Synthesizer:
         """The model at ``model_path``, or a seeded random model of ``preset`` when there is none."""
         loaded = load_checkpoint(model_path) if model_path is not None else random_model(preset, seed)
-        if device != "cpu":
-            raise ValueError("only device='cpu' is supported by the torch backend in this build")
-        return cls(make_backend(backend, loaded.model), loaded.model_id, cache_bytes)
+        return cls(make_backend(backend, loaded.model, model_id=loaded.model_id, device=device), loaded.model_id,
+                   cache_bytes)
 
     @property
     def image_size(self) -> int:
@@ -144,10 +144,11 @@ class Synthesizer:
         xs_a, xs_l = [], []
         for i in range(0, len(images), batch):
             X_a, X_l = self.backend.encode(
-                to_image_tensor(images[i : i + batch]), torch.from_numpy(labels[i : i + batch]).float()
+                to_image_tensor(images[i : i + batch]).to(self.device),
+                torch.from_numpy(labels[i : i + batch]).float().to(self.device),
             )
-            xs_a.append(X_a.numpy())
-            xs_l.append(X_l.numpy())
+            xs_a.append(X_a.float().cpu().numpy())
+            xs_l.append(X_l.float().cpu().numpy())
         return np.concatenate(xs_a), np.concatenate(xs_l)
 
     def ensure_features(self, assets: IdentityAssets) -> IdentityAssets:
@@ -165,11 +166,12 @@ class Synthesizer:
         """(images (n,3,S,S), labels (n,L,S,S), X_a, X_l (n,c,h,w)) as float32 tensors, cached per identity."""
         cached = self._refs.get(identity_id)
         if cached is None:
+            dev = self.device
             cached = (
-                to_image_tensor(assets.images),
-                torch.from_numpy(assets.labels.astype(np.float32)),
-                torch.from_numpy(assets.X_a.astype(np.float32)),
-                torch.from_numpy(assets.X_l.astype(np.float32)),
+                to_image_tensor(assets.images).to(dev),
+                torch.from_numpy(assets.labels.astype(np.float32)).to(dev),
+                torch.from_numpy(assets.X_a.astype(np.float32)).to(dev),
+                torch.from_numpy(assets.X_l.astype(np.float32)).to(dev),
             )
             self._refs[identity_id] = cached
             while len(self._refs) > self._max_identities:
@@ -187,7 +189,7 @@ class Synthesizer:
         key = (identity_id, self.model_id, indices)
         memory = self.bases.get(key)
         if memory is None:
-            idx = torch.tensor(indices)
+            idx = torch.tensor(indices, device=self.device)
             _, _, X_a, X_l = refs
             memory = self.backend.extract(X_l[idx].unsqueeze(0), X_a[idx].unsqueeze(0))  # (1, m, c, h, w)
             self.bases.put(key, memory)
@@ -216,21 +218,24 @@ class Synthesizer:
             pose = head_pose(lm, (S, S))
             indices = tuple(int(i) for i in req.assets.appearance_map.select(pose, k=self.cfg.n_refs))
             memories.append(self._memory(req.identity_id, refs, indices))
-            idx = torch.tensor(indices)
+            idx = torch.tensor(indices, device=self.device)
             ref_images.append(refs[0][idx])
             ref_labels.append(refs[1][idx])
             labels.append(torch.from_numpy(draw_label(lm, S)))
             chosen.append(indices)
         t_prep = time.perf_counter()
 
-        label = torch.stack(labels)  # (B, L, S, S)
+        label = torch.stack(labels).to(self.device)  # (B, L, S, S)
         prev_image = torch.stack(
-            [r.state.prev_image if r.state.prev_image is not None else torch.zeros(3, S, S) for r in requests]
+            [
+                r.state.prev_image if r.state.prev_image is not None else torch.zeros(3, S, S, device=self.device)
+                for r in requests
+            ]
         )
         prev_label = torch.stack(
             [r.state.prev_label if r.state.prev_label is not None else torch.zeros_like(label[0]) for r in requests]
         )
-        prev_valid = torch.tensor([float(r.state.prev_image is not None) for r in requests])
+        prev_valid = torch.tensor([float(r.state.prev_image is not None) for r in requests], device=self.device)
         memory = type(memories[0]).cat(memories)
         image = self.backend.synthesize(
             label, memory, torch.stack(ref_images), torch.stack(ref_labels), prev_image, prev_label, prev_valid
