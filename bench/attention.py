@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import table, write_section  # noqa: E402
+from bench._report import median_ms, table, write_section  # noqa: E402
 from engine.model.compact_attention import CompactAttention  # noqa: E402
 from engine.model.pixel_attention import PixelAttention  # noqa: E402
 
@@ -41,15 +39,6 @@ def inputs(m: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     X_in = torch.randn(1, C, size, size, generator=g)
     return X_l, X_a, X_in
 
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _proc_kib(field: str) -> int:

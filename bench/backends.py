@@ -11,32 +11,19 @@ ONNX files of both attention kinds: size per graph and onnxruntime's frame laten
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import table, write_section  # noqa: E402
+from bench._report import median_ms, table, write_section  # noqa: E402
 from engine.config import preset  # noqa: E402
 from engine.model.vid2vid import ACAVid2Vid  # noqa: E402
 from engine.runtime.backends import Backend, available_backends, make_backend  # noqa: E402
 from engine.runtime.onnx_backend import example_inputs, memory_names  # noqa: E402
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (and torch.compile's compile)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def frame_ms(backend: Backend, model: ACAVid2Vid, batch: int, repeats: int) -> float:
