@@ -11,6 +11,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
+	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)  # browser tests
 
 demo: setup
 	$(BIN)/aca demo

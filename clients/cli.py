@@ -249,7 +249,7 @@ def mount(target: typer.Typer, module_name: str) -> list[str]:
 
 
 def _mount_packages() -> None:
-    for module_name in ("engine.cli", "export.cli", "server.cli"):
+    for module_name in ("engine.cli", "export.cli", "server.cli", "clients.live"):
         mount(app, module_name)
 
 

@@ -393,6 +393,17 @@ class AvatarClient:
         """Poll until the render is ``done``; raise its error if it failed, RenderCancelled if cancelled."""
         return self._wait(self.get_render, render_id, "render", timeout, on_progress)
 
+    # --- live (clients/live.py) ----------------------------------------------------------------------------
+
+    def live(self, identity_id: str, frames: Any, *, fps: float | None = 25.0,
+             summary: Any = None) -> Any:
+        """``WS /v1/identities/{id}/live`` as an async iterator of ``clients.live.LiveFrame``: ``frames`` are
+        RGB images, (478, 3) landmark arrays or JPEG bytes (an iterable or async iterable), sent at ``fps``."""
+        from clients.live import live_stream
+
+        return live_stream(self.base_url, identity_id, frames, fps=fps, summary=summary,
+                           headers={k: v for k, v in self._http.headers.items() if k.lower() == "authorization"})
+
     def download_render(self, render_id: str, path: str | os.PathLike[str]) -> Path:
         """Stream the finished mp4 to ``path`` (complete or absent: a temp sibling, then ``os.replace``)."""
         dest, tmp = _atomic_target(path)
@@ -490,6 +501,13 @@ class AsyncAvatarClient:
 
     async def appearance_map_png(self, identity_id: str) -> bytes:
         return (await self._request("GET", f"/v1/identities/{_seg(identity_id)}/appearance-map.png")).content
+
+    def live(self, identity_id: str, frames: Any, *, fps: float | None = 25.0, summary: Any = None) -> Any:
+        """The same as ``AvatarClient.live``."""
+        from clients.live import live_stream
+
+        return live_stream(self.base_url, identity_id, frames, fps=fps, summary=summary,
+                           headers={k: v for k, v in self._http.headers.items() if k.lower() == "authorization"})
 
     async def wait_ready(self, identity_id: str, timeout: float = 300.0,
                          on_progress: Callable[[Identity], None] | None = None) -> Identity:

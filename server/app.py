@@ -10,12 +10,15 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import health, identities, renders
+from server.api import health, identities, live, renders, stream
 from server.api.deps import AppState
 from server.broker.base import make_broker
 from server.errors import install_error_handlers
@@ -56,6 +59,18 @@ class _RequestMetrics:
             self.metrics.inc("aca_http_requests_total",
                              {"route": path, "method": scope["method"], "status": str(status[0])})
             self.metrics.observe("aca_http_request_duration_seconds", time.perf_counter() - t0, {"route": path})
+
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def _mount_page(app: FastAPI) -> None:
+    """The web page at / (plain HTML and JavaScript in server/static/, no build step)."""
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -100,5 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(identities.router)
     app.include_router(renders.router)
+    app.include_router(live.router)
+    app.include_router(stream.router)
+    _mount_page(app)
     app.add_middleware(_RequestMetrics, metrics=metrics)
     return app

@@ -83,6 +83,27 @@ class MethodNotAllowed(UserError):
     http_status = 405
 
 
+class TooManyStreams(UserError):
+    """``live_max_streams`` live or streaming sessions are open; retry later."""
+
+    code = "too_many_streams"
+    http_status = 429
+
+
+class InvalidFrame(UserError):
+    """A driving frame that is neither landmarks nor a decodable JPEG/PNG image, or one that is too large."""
+
+    code = "invalid_frame"
+    http_status = 422
+
+
+class NoWorker(AcaError):
+    """No live worker to serve a stream: not the user's fault, retrying later may help."""
+
+    code = "no_worker"
+    http_status = 503
+
+
 class InternalError(AcaError):
     """A bug or a broken worker: not the user's fault, retrying may help."""
 
@@ -92,7 +113,7 @@ class InternalError(AcaError):
 
 SERVER_ERRORS: tuple[type[UserError], ...] = (
     IdentityNotFound, RenderNotFound, IdentityNotReady, RenderNotDone, Unauthorized, QueueFull, PayloadTooLarge,
-    UnsupportedMediaType, InvalidRequest, NotFound, MethodNotAllowed,
+    UnsupportedMediaType, InvalidRequest, NotFound, MethodNotAllowed, TooManyStreams, InvalidFrame,
 )
 for _cls in SERVER_ERRORS:
     # One registry of codes: a clash would make the client map a code to the wrong class.
@@ -123,7 +144,7 @@ _HTTP_CODES: dict[int, type[AcaError]] = {
 async def _aca_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AcaError)
     headers: dict[str, str] = {}
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, QueueFull | TooManyStreams | NoWorker):
         headers["Retry-After"] = "1"
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"

@@ -216,3 +216,43 @@ class Health(BaseModel):
     broker: str
     workers: int = 0
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- live (broker messages)
+
+
+class LiveFrameMsg(BaseModel):
+    """API -> worker: one driving frame of a live or streaming session (the landmarks travel beside it as raw
+    float32 bytes, (478, 3) in the identity's crop pixels), or ``kind="close"``: forget the stream.
+
+    ``n`` numbers the frames the API sent for the stream (the client's ``seq`` is only echoed); ``epoch`` grows
+    each time the stream moves to another worker, so a worker that sees a new epoch starts the stream afresh."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+    kind: Literal["frame", "close"] = "frame"
+    stream_id: str
+    identity_id: str = ""
+    epoch: int = 0
+    n: int = 0
+    seq: int = 0
+    encoding: Literal["jpeg", "raw"] = "jpeg"
+    submitted_at: float = Field(default_factory=now)
+
+
+class LiveReplyMsg(BaseModel):
+    """Worker -> API: the synthesized frame ``n`` of a stream (JPEG, or raw (S, S, 3) uint8 RGB, beside it) or
+    the error that stopped it, with the worker's timings in seconds (queue, model, encode) and the batch size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+    stream_id: str
+    epoch: int
+    n: int
+    seq: int
+    worker: str
+    size: int = 0
+    timings: dict[str, float] = Field(default_factory=dict)
+    error: ErrorDetail | None = None

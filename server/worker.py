@@ -102,6 +102,9 @@ class Worker:
         self._held: dict[str, Delivery] = {}
         self._held_lock = threading.Lock()
         self._started = time.time()
+        # The model and the identity LRU are shared by render steps (this thread) and the live batcher's thread
+        # (server/live_worker.py); a Synthesizer is not thread-safe.
+        self.synth_lock = threading.RLock()
 
     # --------------------------------------------------------------------------------------------- lifecycle
 
@@ -110,6 +113,10 @@ class Worker:
             from engine.runtime.synthesizer import Synthesizer
 
             s = self.settings
+            if s.torch_threads:
+                import torch
+
+                torch.set_num_threads(s.torch_threads)  # process-wide: every worker thread shares it
             self.synth = Synthesizer.load(s.model_path, preset=s.preset, backend=s.backend, device=s.device,
                                           cache_bytes=s.synth_cache_bytes)
             log.info("worker %s loaded model %s", self.worker_id, self.synth.model_id)
@@ -122,6 +129,7 @@ class Worker:
                                 daemon=True)
         self._beat()
         beat.start()
+        live = self._start_live(beat_stop)
         try:
             while not stop.is_set():
                 self._fill()
@@ -130,9 +138,19 @@ class Worker:
         finally:
             beat_stop.set()
             beat.join(timeout=5)
+            live.join(timeout=5)
             self._abandon_active()
             self.broker.add_metrics(self.metrics.drain())
             self.broker.worker_stopped(self.worker_id)
+
+    def _start_live(self, stop: threading.Event) -> threading.Thread:
+        """The live batcher (server/live_worker.py) in its own thread, stopped with the heartbeat."""
+        from server.live_worker import LiveBatcher
+
+        thread = threading.Thread(target=LiveBatcher(self).run, args=(stop,), name=f"{self.worker_id}-live",
+                                  daemon=True)
+        thread.start()
+        return thread
 
     def run_until_idle(self, timeout_s: float = 300.0) -> None:
         """Work until no job is queued or running (tests, one-shot batch use); no heartbeat thread."""
@@ -299,6 +317,11 @@ class Worker:
 
     # ------------------------------------------------------------------------------------------------ render
 
+    def identity(self, identity_id: str) -> IdentityAssets:
+        """``_identity`` under the model lock (for the live batcher's thread)."""
+        with self.synth_lock:
+            return self._identity(identity_id)
+
     def _identity(self, identity_id: str) -> IdentityAssets:
         """Loaded assets from the LRU (features re-encoded when they came from another model)."""
         from engine.runtime.identity import IdentityAssets
@@ -337,7 +360,7 @@ class Worker:
             self._finish(d, "done", frames_done=record.frames_done, frames_total=record.frames_total, progress=1.0)
             return
         t0 = time.perf_counter()
-        assets = self._identity(job.identity_id)
+        assets = self.identity(job.identity_id)
         landmarks, fps = self._driving(job, record.source, record.fps)
         if landmarks.shape[0] > self.settings.max_render_frames:
             raise VideoTooLong(f"the driving input has {landmarks.shape[0]} frames, more than "
@@ -368,7 +391,8 @@ class Worker:
                                  state=t.stream) for t in tasks]
         t0 = time.perf_counter()
         try:
-            rendered = self.load_model().render(requests)
+            with self.synth_lock:
+                rendered = self.load_model().render(requests)
         except Exception as exc:  # noqa: BLE001 -- the whole batch settles with the error
             for task in tasks:
                 self._drop(task)

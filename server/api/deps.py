@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from typing import Any
 
-from fastapi import Request
+from fastapi import Request, WebSocket
 
 from server.broker.base import Broker
 from server.errors import Unauthorized
@@ -28,6 +29,8 @@ class AppState:
     service: Service
     metrics: Metrics
     key_hashes: frozenset[str]
+    # The live sessions' hub (server/live.py LiveHub), made on first use by ``live_hub``.
+    live: Any = None
 
 
 def state(request: Request) -> AppState:
@@ -37,6 +40,15 @@ def state(request: Request) -> AppState:
 
 def service(request: Request) -> Service:
     return state(request).service
+
+
+def live_hub(st: AppState) -> Any:
+    """The app's ``server.live.LiveHub``."""
+    if st.live is None:
+        from server.live import LiveHub
+
+        st.live = LiveHub(st.settings, st.broker, st.metrics)
+    return st.live
 
 
 def owner(request: Request) -> str:
@@ -50,6 +62,24 @@ def owner(request: Request) -> str:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("this route needs an 'Authorization: Bearer <API key>' header")
+    return check_key(hashes, key)
+
+
+def ws_owner(websocket: WebSocket) -> str:
+    """``owner`` for a websocket: the bearer header, or ``?access_token=KEY`` (browsers cannot set headers on a
+    websocket)."""
+    hashes = state(websocket).key_hashes  # type: ignore[arg-type]  # HTTPConnection has .app like Request
+    if not hashes:
+        return ANONYMOUS
+    scheme, _, key = websocket.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        key = websocket.query_params.get("access_token", "")
+    if not key.strip():
+        raise Unauthorized("send 'Authorization: Bearer <API key>' or ?access_token=<API key>")
+    return check_key(hashes, key)
+
+
+def check_key(hashes: frozenset[str], key: str) -> str:
     digest = hash_key(key.strip())
     # Compare against every known hash, without stopping early, so timing says nothing about which matched.
     matched = False

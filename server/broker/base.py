@@ -13,12 +13,19 @@ a live worker's jobs fresh). Every delivery that begins counts; past ``job_max_d
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.schemas import ErrorDetail, IngestJob, JobState, RenderJob, WorkerInfo
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.broker.live import LiveBus
+
+# Guards the lazy creation of ``Broker.live``: the API loop and worker threads must share one bus.
+_LIVE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,17 @@ class Broker(abc.ABC):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._live: LiveBus | None = None
+
+    @property
+    def live(self) -> LiveBus:
+        """The channel of live frames that goes with this broker (server/broker/live.py)."""
+        with _LIVE_LOCK:
+            if self._live is None:
+                from server.broker.live import make_live_bus
+
+                self._live = make_live_bus(self)
+            return self._live
 
     # ------------------------------------------------------------------------------------------- API side (async)
 

@@ -222,9 +222,11 @@ class MemoryBroker(Broker):
         self._metrics.add(deltas)
 
     def wake_all(self) -> None:
-        """Wake blocked ``fetch`` calls (shutdown)."""
+        """Wake blocked ``fetch`` calls and live-frame ``take`` calls (shutdown)."""
         with self._cond:
             self._cond.notify_all()
+        if self._live is not None:
+            self._live.wake_all()  # type: ignore[attr-defined]  # always a MemoryLiveBus here
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -304,6 +304,8 @@ class RedisBroker(Broker):
         return {k: float(v) for k, v in raw.items()}
 
     async def aclose(self) -> None:
+        if self._live is not None:
+            await self._live.aclose()
         if self._async is not None:
             await self._async.aclose()
             self._async = None
@@ -418,6 +420,8 @@ class RedisBroker(Broker):
         pipe.execute()
 
     def close(self) -> None:
+        if self._live is not None:
+            self._live.close_worker_side()
         if self._sync is not None:
             self._sync.close()
             self._sync = None
