@@ -85,15 +85,17 @@ def measure(kind: str, m: int, size: int, repeats: int) -> tuple[float, float, f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repeats and no m=16 (for a smoke run)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
         kind, m, size, cached = args.child
         peak_child(kind, int(m), int(size), bool(int(cached)))
         return
 
     ms = (1, 2, 4, 8) if args.quick else (1, 2, 4, 8, 16)
-    repeats = 3 if args.quick else 7
+    repeats = 3 if args.quick else 11
     rows, cached_rows = [], []
     for size in (32, 64):
         for m in ms:
@@ -103,7 +105,8 @@ def main() -> None:
             print(f"{size}x{size} m={m}: compact {tc:.1f} ms {mc:.1f} MiB, pixel {tp:.1f} ms {mp:.1f} MiB", flush=True)
 
     body = (
-        f"c = {C}, p = {P}, s = {S}, batch 1, fp32, inference. Peak memory: the rise of the process's resident "
+        f"c = {C}, p = {P}, s = {S}, batch 1, fp32, inference, {args.threads} torch thread(s), median of {repeats}. "
+        "Peak memory: the rise of the process's resident "
         "high-water mark over its inputs, one fresh process per case. Ratios are pixel / compact from the same run.\n\n"
         "### A whole step (extraction + aggregation)\n\n"
         + table(
