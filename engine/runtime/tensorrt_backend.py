@@ -1,33 +1,55 @@
 """TensorRT engines of the three exported graphs, with compact attention as a plugin ("tensorrt").
 
-Written against TensorRT's documented Python API (10.x) and NVIDIA's ``samples/python/quickly_deployable_plugins``;
-``tensorrt`` is imported lazily, only here. TensorRT cannot be installed on our build or GPU machines
-(REFERENCES.md, "Export references"), so this file has not been executed: tests/export/test_tensorrt.py skips with
-that reason, and the pieces that need no TensorRT (the ONNX rewrite, the profiles) are tested on their own.
+Written against TensorRT's documented Python API (10.x) and NVIDIA's ``samples/python/quickly_deployable_plugins``
+(``qdp_defs.py``: ``aot_impl`` with ``triton.compiler.ASTSource``, ``trtp.KernelLaunchParams``,
+``trtp.SymIntExprs``); ``tensorrt`` is imported lazily, only here.
 
 - The plugin ``aca::CompactAttention`` (``tensorrt.plugin``): ``@trtp.register`` gives output shapes and types
   (B_l, B_a (B, p, c), ref_share (B, p, m) from X_l (B, m, c, hw) and B_0 (p, c)); ``@trtp.autotune`` keeps it in
   FP32 inside an FP16 engine (the EM softmax over p bases and the 1e-6-guarded normalisations are where half
-  precision hurts); ``@trtp.impl`` runs ``extract_bases`` on TensorRT's stream, which takes the fused Triton E-step
-  pass (engine/kernels/compact_triton.py ``_em_pass_kernel``) on CUDA.
+  precision hurts).
+- ``@trtp.aot_impl`` (TensorRT 10.9+, preferred): ``compile_extract_ptx`` compiles ``_extract_kernel``
+  (engine/kernels/compact_triton.py: all s EM iterations, eqs 1-4, in ONE launch, one program per sample) to PTX
+  for the build GPU, with p, c, s and lambda as constants; TensorRT launches it on a grid of B programs with the
+  int32 arguments m, hw, c, p as shape expressions, and bakes it into the engine (no Python at run time). The
+  kernel's arguments are ordered inputs, scalars, outputs as TensorRT passes them, and the two scratch pointers
+  Triton appends to every kernel (both unused, size 0) are removed from the PTX so its parameter list is exactly
+  TensorRT's. ``prepare_onnx(aot=True)`` sets the node attribute ``aot=1`` that selects it.
+- ``@trtp.impl`` (fallback): runs ``extract_bases`` on TensorRT's stream, which takes the fused Triton E-step pass
+  on CUDA; used with ``prepare_onnx(aot=False)``, on TensorRT before 10.9, or when an AOT build fails
+  (``TensorRTBackend`` retries with it and warns).
 - The ONNX parser maps the ``aca.CompactAttention`` node to the plugin by op type and namespace (the node's domain
   from TensorRT 10.10, the ``plugin_namespace`` attribute before; both are set), and from 10.7 a registered plugin
   takes priority over the model-local function of the same name.
-- ``compile_em_pass_ptx`` compiles ``_em_pass_kernel`` ahead of time (``triton.compile`` of an ``ASTSource``, as
-  ``@trtp.aot_impl`` requires). An ``aot_impl`` returns ONE kernel launch, and the E-step pass is one of 2s launches
-  plus the M-step arithmetic of the whole op, so the AOT plugin needs a kernel that runs all s iterations; until
-  the kernels have one, the plugin uses the JIT ``impl`` (the engine then needs Python and this module at run time).
 - Optimisation profiles: one per batch bucket the workers use (``batch_sizes``, default 1 and 8), each min..max
   of its bucket with opt at the bucket size; m spans 1..cfg.n_refs.
+
+What has run, and what has not. TensorRT cannot be installed on our build or GPU machines (REFERENCES.md, "Export
+references"), so nothing that imports ``tensorrt`` has executed: ``register_plugin`` (and so the ``impl`` and
+``aot_impl`` bodies), ``build_engine``, ``_Engine``, ``TensorRTBackend``; tests/export/test_tensorrt.py skips those
+with that reason. Executed on a CPU-only machine (tests/export/test_tensorrt.py): ``prepare_onnx``, the profiles,
+and ``compile_extract_ptx`` for sm_90 at p = c = 128, s = 3 (Triton 3.9 compiles for a CUDA target without a GPU, in
+a process without TRITON_INTERPRET), with the stripped PTX assembled again by Triton's bundled ptxas: 10 parameters,
+256 threads, 104 KiB of shared memory (above the 48 KiB default: TensorRT must opt the kernel in); by hand, ``ptxas
+-v`` gave 255 registers with about 1 KiB of spills. The kernel's numerics are checked against ``extract_bases``
+under Triton's CPU interpreter (tests/engine/test_kernels.py) and, compiled, in that file's ``gpu`` test (written,
+not yet run on a GPU). The plugin signatures were checked by reading TensorRT's ``plugin/_validate.py``, not by
+running it; ``resolved`` (tested) gives it real annotations. Not verified anywhere: that TensorRT accepts this PTX
+(PTX ISA 9.4 from Triton 3.9: the driver must be new enough to JIT it), the launch with the stripped parameter list,
+the shared-memory opt-in, and the engines' outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import re
+import typing
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -36,6 +58,7 @@ from engine.model.attention import Memory
 from engine.model.vid2vid import ACAVid2Vid
 
 PLUGIN = "aca::CompactAttention"
+F = TypeVar("F", bound=typing.Callable[..., Any])
 DEFAULT_BATCH_SIZES = (1, 8)
 
 
@@ -53,30 +76,61 @@ def tensorrt_unavailable_reason() -> str | None:
 # ------------------------------------------------------------------------------------------------- plugin
 
 
+def aot_supported() -> bool:
+    """Whether this TensorRT has ahead-of-time Python plugins (``tensorrt.plugin.aot_impl``, 10.9 and later)."""
+    import tensorrt.plugin as trtp
+
+    return hasattr(trtp, "aot_impl")
+
+
+def _constant(dim: Any, what: str) -> int:
+    """The build-time value of a plugin shape expression (the AOT kernel is compiled for fixed p and c)."""
+    if not dim.is_constant:
+        raise RuntimeError(f"the AOT CompactAttention kernel needs a fixed {what}; the engine has a dynamic one")
+    return int(dim.constant_value())
+
+
+def resolved(fn: F, **names: Any) -> F:
+    """``fn`` with its annotations evaluated (``names``: the locals they mention, e.g. ``trtp``).
+
+    ``tensorrt.plugin`` reads a plugin function's types with ``inspect.signature`` and checks them with
+    ``issubclass`` (TensorRT's ``plugin/_validate.py``); under ``from __future__ import annotations`` they are
+    strings, which it would reject, so every decorated function goes through this first. A ``None`` return stays
+    ``None`` (``get_type_hints`` makes it ``NoneType``, which TensorRT's check of ``impl`` refuses)."""
+    hints = typing.get_type_hints(fn, localns=names)
+    if hints.get("return") is type(None):
+        hints["return"] = None
+    fn.__annotations__ = hints
+    return fn
+
+
 @functools.cache
 def register_plugin() -> None:
-    """Register ``aca::CompactAttention`` with TensorRT's Python plugin registry (once per process)."""
+    """Register ``aca::CompactAttention`` with TensorRT's Python plugin registry (once per process): shapes, types,
+    the JIT ``impl`` and, where TensorRT has them, the AOT ``aot_impl`` that ``prepare_onnx(aot=True)`` selects.
+
+    Signatures follow TensorRT's schema checks (``plugin/_validate.py``): ``outputs`` is a tuple of exactly three
+    (``tuple[T, ...]`` fails its ``issubclass``), and ``aot_impl`` must take ``tactic`` and annotate its return."""
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    @trtp.register(PLUGIN)
-    def _desc(
-        X_l: trtp.TensorDesc, X_a: trtp.TensorDesc, B_0: trtp.TensorDesc, s: int, lambda_: float
-    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+    Desc3 = tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]  # the three outputs' descriptors
+
+    def _desc(X_l: trtp.TensorDesc, X_a: trtp.TensorDesc, B_0: trtp.TensorDesc, s: int, lambda_: float) -> Desc3:
         B, m = X_l.shape_expr[0], X_l.shape_expr[1]
         p, c = B_0.shape_expr[0], B_0.shape_expr[1]
         B_l = trtp.from_shape_expr((B, p, c), dtype=trt.float32)
         B_a = trtp.from_shape_expr((B, p, c), dtype=trt.float32)
         return B_l, B_a, trtp.from_shape_expr((B, p, m), dtype=trt.float32)
 
-    @trtp.autotune(PLUGIN)
-    def _autotune(X_l: Any, X_a: Any, B_0: Any, outputs: Any) -> list[Any]:
+    def _autotune(
+        X_l: trtp.TensorDesc, X_a: trtp.TensorDesc, B_0: trtp.TensorDesc, outputs: Desc3
+    ) -> list[trtp.AutoTuneCombination]:
         return [trtp.AutoTuneCombination("FP32, FP32, FP32, FP32, FP32, FP32", "LINEAR")]
 
-    @trtp.impl(PLUGIN)
     def _impl(
         X_l: trtp.Tensor, X_a: trtp.Tensor, B_0: trtp.Tensor, s: int, lambda_: float,
-        outputs: tuple[trtp.Tensor, ...], stream: int,
+        outputs: tuple[trtp.Tensor, trtp.Tensor, trtp.Tensor], stream: int,
     ) -> None:
         from engine.model.compact_attention import extract_bases
 
@@ -86,40 +140,125 @@ def register_plugin() -> None:
             for out, value in zip(outputs, extract_bases(x_l, x_a, b_0, int(s), float(lambda_)), strict=True):
                 torch.as_tensor(out, device="cuda").copy_(value)
 
+    def _aot_impl(
+        X_l: trtp.TensorDesc, X_a: trtp.TensorDesc, B_0: trtp.TensorDesc, s: int, lambda_: float,
+        outputs: Desc3, tactic: int,
+    ) -> tuple[bytes, bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        # B_0 is the model's bases buffer, an initializer of the exported graph: p and c are build-time constants.
+        p = _constant(B_0.shape_expr[0], "number of bases p")
+        c = _constant(B_0.shape_expr[1], "number of channels c")
+        kernel = compile_extract_ptx(p, c, int(s), float(lambda_))  # for the GPU the engine is built on
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = X_l.shape_expr[0]  # one program per sample
+        launch.block_x = kernel.threads
+        launch.shared_mem = kernel.shared_mem
+        # The kernel's int32 scalars M, HW, C_REAL, P_REAL from X_l (B, m, c, hw) and B_0 (p, c), resolved by
+        # TensorRT per execution (B and m are dynamic across the optimisation profiles).
+        dims = X_l.shape_expr
+        scalars = (dims[1], dims[3], dims[2], B_0.shape_expr[0])
+        extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
+        return kernel.name.encode(), kernel.ptx.encode(), launch, extra_args
 
-def compile_em_pass_ptx(
-    p: int, c: int, block_n: int = 32, chunk: int = 1024, with_a: bool = True
-) -> tuple[str, str, int, int]:
-    """Compile ``_em_pass_kernel`` ahead of time for p bases and c channels: (kernel name, PTX, threads per block,
-    shared memory bytes), what ``@trtp.aot_impl`` hands TensorRT. Needs Triton and a CUDA GPU."""
+    names = {"trtp": trtp, "Desc3": Desc3}
+    trtp.register(PLUGIN)(resolved(_desc, **names))
+    trtp.autotune(PLUGIN)(resolved(_autotune, **names))
+    trtp.impl(PLUGIN)(resolved(_impl, **names))
+    if aot_supported():
+        trtp.aot_impl(PLUGIN)(resolved(_aot_impl, **names))
+
+
+#: Arguments of ``_extract_kernel`` in launch order, as TensorRT passes them to an AOT kernel: the input tensors,
+#: then the int32 scalars (``extra_args``), then the output tensors.
+EXTRACT_INPUTS = ("Xl_ptr", "Xa_ptr", "B0_ptr")
+EXTRACT_SCALARS = ("M", "HW", "C_REAL", "P_REAL")
+EXTRACT_OUTPUTS = ("Bl_out", "Ba_out", "share_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class AotKernel:
+    """A Triton kernel compiled ahead of time: what ``@trtp.aot_impl`` hands TensorRT."""
+
+    name: str
+    ptx: str
+    threads: int  # per block: num_warps * 32
+    shared_mem: int  # bytes of dynamic shared memory
+    arch: int  # compute capability, e.g. 90
+
+
+def _drop_scratch_params(ptx: str, name: str, n_args: int) -> str:
+    """Remove the trailing ``global_scratch`` and ``profile_scratch`` pointers Triton (>= 3.3 and >= 3.5) appends to
+    every kernel's parameter list, so the PTX takes exactly TensorRT's arguments (inputs, extra args, outputs).
+
+    Only done when the PTX never reads them (the caller checks both scratch sizes are 0): a launcher that passes
+    fewer arguments than the kernel declares has the driver read past the end of its argument array."""
+    head_start = ptx.index(f".entry {name}(")
+    head_end = ptx.index(")", head_start)
+    params = [line.strip().rstrip(",") for line in ptx[head_start:head_end].splitlines()[1:] if line.strip()]
+    body = ptx[head_end:]
+    for param in params[n_args:]:
+        param_name = param.split()[-1]
+        if re.search(rf"\b{re.escape(param_name)}\b", body):
+            raise RuntimeError(f"{name} reads {param_name}, which TensorRT's AOT launch does not pass")
+    if len(params) < n_args:
+        raise RuntimeError(f"{name} declares {len(params)} parameters, expected at least {n_args}")
+    head = f".entry {name}(\n" + ",\n".join(f"\t{param}" for param in params[:n_args]) + "\n"
+    return ptx[:head_start] + head + body
+
+
+def compile_extract_ptx(
+    p: int, c: int, s: int, lambda_: float, block_n: int = 16, arch: int | None = None
+) -> AotKernel:
+    """Compile ``_extract_kernel`` (the whole extraction, one launch) to PTX for p bases and c channels.
+
+    ``arch`` (e.g. 90 for an H100) needs no GPU: Triton compiles for any CUDA target on a machine without one, with
+    its bundled ptxas (tests/export/test_tensorrt.py runs this). ``arch=None`` takes the current CUDA device's.
+    s and lambda become constants of the kernel (TensorRT's AOT scalar arguments are int32 shape expressions)."""
     import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
 
-    from engine.kernels.compact_triton import _em_pass_kernel, _pow2
+    from engine.kernels.compact_triton import _extract_kernel, _pow2, extract_num_warps
 
-    P, C = _pow2(p), _pow2(c)
-    # Pointers X, X_a, B_l, AtX, AtX_a, mass; then M, HW, C_REAL, P_REAL, n_chunks and the three X strides.
-    signature = {name: "*fp32" for name in ("X_ptr", "Xa_ptr", "Bl_ptr", "AtX_ptr", "AtXa_ptr", "mass_ptr")}
-    for name in ("M", "HW", "C_REAL", "P_REAL", "n_chunks", "stride_xb", "stride_xm", "stride_xc"):
-        signature[name] = "i32"
-    constexprs = {"P": P, "C": C, "BLOCK_N": block_n, "CHUNK": chunk, "WITH_A": with_a}
+    if not isinstance(_extract_kernel, JITFunction):  # an InterpretedFunction
+        raise RuntimeError("TRITON_INTERPRET=1 is set in this process: Triton cannot compile kernels here")
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability()
+        arch = 10 * major + minor
+    signature = {name: "*fp32" for name in EXTRACT_INPUTS}
+    signature.update({name: "i32" for name in EXTRACT_SCALARS})
+    signature.update({name: "*fp32" for name in EXTRACT_OUTPUTS})
+    constexprs = {"P": _pow2(p), "C": _pow2(c), "BLOCK_N": block_n, "S": int(s), "LAMBDA": float(lambda_)}
     signature.update({name: "constexpr" for name in constexprs})
-    src = triton.compiler.ASTSource(fn=_em_pass_kernel, signature=signature, constexprs=constexprs)
-    kernel = triton.compile(src, options={"num_warps": 8 if P * C >= 128 * 128 else 4})
-    return kernel.metadata.name, kernel.asm["ptx"], kernel.metadata.num_warps * 32, kernel.metadata.shared
-
+    src = triton.compiler.ASTSource(fn=_extract_kernel, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": extract_num_warps(p, c)})
+    meta = kernel.metadata
+    if meta.global_scratch_size or getattr(meta, "profile_scratch_size", 0):
+        raise RuntimeError(f"{meta.name} needs scratch memory, which a TensorRT AOT plugin cannot provide")
+    n_args = len(EXTRACT_INPUTS) + len(EXTRACT_SCALARS) + len(EXTRACT_OUTPUTS)
+    ptx = _drop_scratch_params(kernel.asm["ptx"], meta.name, n_args)
+    return AotKernel(name=meta.name, ptx=ptx, threads=meta.num_warps * 32, shared_mem=meta.shared, arch=arch)
 
 # ---------------------------------------------------------------------------------------------- the ONNX
 
 
-def prepare_onnx(src: Path, dst: Path) -> Path:
+def prepare_onnx(src: Path, dst: Path, aot: bool | None = True) -> Path:
     """A copy of an exported graph for TensorRT's parser: every ``aca`` node gets ``plugin_namespace="aca"``
-    (TensorRT before 10.10 reads the namespace from it, later ones from the domain)."""
+    (TensorRT before 10.10 reads the namespace from it, later ones from the domain) and ``aot`` (1: build the
+    plugin from its ``@trtp.aot_impl`` kernel, 0: from the Python ``@trtp.impl``; the parser's choice per node),
+    except with ``aot=None`` (TensorRT before 10.9, which has no AOT plugins: the node gets no ``aot``)."""
     import onnx
 
     model = onnx.load(str(src))
     for node in model.graph.node:
-        if node.domain == "aca" and not any(a.name == "plugin_namespace" for a in node.attribute):
+        if node.domain != "aca":
+            continue
+        kept = [a for a in node.attribute if a.name != "aot"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        if not any(a.name == "plugin_namespace" for a in node.attribute):
             node.attribute.append(onnx.helper.make_attribute("plugin_namespace", "aca"))
+        if aot is not None:
+            node.attribute.append(onnx.helper.make_attribute("aot", int(aot)))
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
     return dst
@@ -264,11 +403,23 @@ class TensorRTBackend:
         for graph in GRAPHS:
             engine_path = onnx_dir / f"{graph}.{tag}.engine"
             if not engine_path.exists():
-                prepared = prepare_onnx(onnx_dir / f"{graph}.onnx", onnx_dir / f"{graph}.trt.onnx")
-                cfg = self.model.cfg
-                build_engine(prepared, engine_path, cfg.n_refs, cfg.feat_size**2, batch_sizes)
+                self._build(onnx_dir, graph, engine_path, batch_sizes)
             self.engines[graph] = _Engine(engine_path, batch_sizes)
         (onnx_dir / f"tensorrt.{tag}.json").write_text(json.dumps({"batch_sizes": list(batch_sizes)}))
+
+    def _build(self, onnx_dir: Path, graph: str, engine_path: Path, batch_sizes: Sequence[int]) -> None:
+        """Build with the AOT plugin kernel where TensorRT has ``aot_impl``; if that build fails, with the Python
+        ``impl`` (the engine then needs Python and this module at run time)."""
+        cfg = self.model.cfg
+        for aot in (True, False) if aot_supported() else (None,):
+            prepared = prepare_onnx(onnx_dir / f"{graph}.onnx", onnx_dir / f"{graph}.trt.onnx", aot=aot)
+            try:
+                build_engine(prepared, engine_path, cfg.n_refs, cfg.feat_size**2, batch_sizes)
+                return
+            except RuntimeError as err:
+                if aot is not True:
+                    raise
+                warnings.warn(f"AOT CompactAttention plugin failed ({err}); using the Python plugin", stacklevel=2)
 
     def encode(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         X_a, X_l = self.engines["encode"](images, labels)

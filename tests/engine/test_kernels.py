@@ -115,3 +115,58 @@ def test_cuda_half_precision_aggregation_uses_sdpa_and_matches():
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, rtol=0, atol=3e-2)
     torch.testing.assert_close(w.float(), A @ share, rtol=0, atol=3e-2)
+
+
+# ------------------------------------------------------------------ the single-launch extraction (_extract_kernel)
+
+
+@pytest.mark.parametrize(
+    "B,m,c,hw,p,s,lam",
+    [
+        (2, 2, 16, 40, 8, 3, 0.5),  # padding of p (8 -> 16), ragged last tile
+        (1, 2, 16, 64, 16, 3, 0.3),  # powers of two throughout
+        (2, 3, 24, 33, 20, 1, 0.5),  # s = 1: only the last iteration; padding of c and p
+    ],
+)
+def test_triton_single_launch_extraction_matches_extract_bases(triton_kernel, B, m, c, hw, p, s, lam):
+    X_l, X_a, _ = feats(B, m, c, hw, p, seed=2)
+    g = torch.Generator().manual_seed(3)
+    B_0 = torch.nn.functional.normalize(torch.randn(p, c, generator=g), dim=-1)
+    with torch.no_grad():
+        want = extract_bases(X_l, X_a, B_0, s=s, lambda_=lam)
+    got = triton_kernel.extract_bases_triton(X_l, X_a, B_0, s, lam)
+    for name, g_, w in zip(("B_l", "B_a", "ref_share"), got, want, strict=True):
+        assert g_.shape == w.shape, name
+        torch.testing.assert_close(g_, w, rtol=1e-4, atol=1e-4, msg=name)
+    # ref_share: each basis's responsibility split over the m references sums to one.
+    torch.testing.assert_close(got[2].sum(dim=-1), torch.ones(B, p), rtol=0, atol=1e-4)
+
+
+def test_triton_single_launch_extraction_iterates(triton_kernel):
+    """s and lambda reach the kernel: more iterations, or another momentum, move the bases as the reference does."""
+    X_l, X_a, _ = feats(1, 2, 16, 32, 16, seed=4)
+    B_0 = torch.nn.functional.normalize(torch.randn(16, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
+    one = triton_kernel.extract_bases_triton(X_l, X_a, B_0, 1, 0.5)[0]
+    three = triton_kernel.extract_bases_triton(X_l, X_a, B_0, 3, 0.5)[0]
+    slow = triton_kernel.extract_bases_triton(X_l, X_a, B_0, 3, 0.1)[0]
+    assert (three - one).abs().max() > 1e-3 and (three - slow).abs().max() > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(slow, extract_bases(X_l, X_a, B_0, 3, 0.1)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_single_launch_extraction_matches_reference():
+    from engine.kernels.compact_triton import extract_bases_triton
+
+    X_l, X_a, _ = feats(2, 8, 128, 4096, 128, seed=6, device="cuda")
+    B_0 = torch.nn.functional.normalize(torch.randn(128, 128, device="cuda"), dim=-1)
+    with torch.no_grad():
+        kernels.set_fused(False)  # the PyTorch reference, not the fused E-step pass
+        try:
+            want = extract_bases(X_l, X_a, B_0, s=3, lambda_=0.5)
+        finally:
+            kernels.set_fused(True)
+    got = extract_bases_triton(X_l, X_a, B_0, 3, 0.5)
+    for name, g_, w in zip(("B_l", "B_a", "ref_share"), got, want, strict=True):
+        torch.testing.assert_close(g_, w, rtol=1e-3, atol=1e-3, msg=name)
