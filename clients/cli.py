@@ -186,8 +186,8 @@ def demo(
     workers: Annotated[int, typer.Option(min=1, help="In-process workers.")] = 1,
     size: Annotated[int, typer.Option(min=64, help="Side of the synthetic videos, pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed of the reference identity (seed + 1 drives it).")] = 0,
-    preset: Annotated[str, typer.Option(help="Model preset (engine.config; the model is randomly initialised "
-                                             "until a trained checkpoint ships).")] = "tiny",
+    preset: Annotated[str | None, typer.Option(help="Serve a randomly initialised model of this preset "
+                                                    "(engine.config) instead of the shipped model.")] = None,
 ) -> None:
     """Run the whole service here: an in-process server (no Redis, no GPU), a synthetic reference video
     driven by another synthetic face, written to out/demo/out.mp4 with a side-by-side PNG."""

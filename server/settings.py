@@ -56,10 +56,13 @@ class Settings(BaseSettings):
     render_crf: int = Field(20, ge=0, le=51)
 
     # --- model and workers ----------------------------------------------------------------------------------
-    # Checkpoint of the model; unset: the seeded random model of the preset (until a shipped model exists).
+    # Checkpoint of the model. Unset: the shipped model named by `model` (or a random model when `preset` is set).
     model_path: Path | None = None
-    # Architecture preset (engine.config) when no checkpoint is given.
-    preset: str = "tiny"
+    # Shipped model (models/models.json, sha256-verified at load) served when neither model_path nor preset is set.
+    model: str = "aca-face-64"
+    # Architecture preset (engine.config) of a seeded, randomly initialised model, for tests and development;
+    # ignored when model_path is set.
+    preset: str | None = None
     # Inference backend of engine.runtime.synthesizer.Synthesizer.
     backend: Literal["torch", "torch-compile", "onnxruntime", "tensorrt"] = "torch"
     # Torch device of the worker ("cpu", "cuda", "cuda:1").

@@ -49,6 +49,18 @@ log = logging.getLogger("aca.worker")
 _FETCH_TIMEOUT_S = 1.0
 
 
+def model_checkpoint(s: Settings) -> Path | None:
+    """The checkpoint a worker serves: ``model_path``; else, unless a random ``preset`` is asked for, the shipped
+    model ``model`` (sha256 and config verified); None means a seeded random model of the preset."""
+    if s.model_path is not None:
+        return s.model_path
+    if s.preset is not None:
+        return None
+    from engine.runtime.checkpoint import shipped_model_path
+
+    return shipped_model_path(s.model)
+
+
 class JobCancelled(Exception):
     """The job's cancellation was requested (or its resource deleted) while it ran."""
 
@@ -117,8 +129,8 @@ class Worker:
                 import torch
 
                 torch.set_num_threads(s.torch_threads)  # process-wide: every worker thread shares it
-            self.synth = Synthesizer.load(s.model_path, preset=s.preset, backend=s.backend, device=s.device,
-                                          cache_bytes=s.synth_cache_bytes)
+            self.synth = Synthesizer.load(model_checkpoint(s), preset=s.preset or "tiny", backend=s.backend,
+                                          device=s.device, cache_bytes=s.synth_cache_bytes)
             log.info("worker %s loaded model %s", self.worker_id, self.synth.model_id)
         return self.synth
 

@@ -49,3 +49,15 @@ def test_embedded_restart_requeues_unfinished_identities(tmp_path: Path, media: 
         assert c.get(f"/v1/identities/{iid}").json()["status"] == "queued"
     with LiveServer(make_settings(tmp_path, workers=1)) as second, second.client() as c:
         assert settle(c, f"/v1/identities/{iid}")["status"] == "ready"
+
+
+def test_workers_serve_the_shipped_model_unless_told_otherwise(tmp_path: Path) -> None:
+    from engine.runtime.checkpoint import CheckpointError, shipped_model_path
+    from server.worker import model_checkpoint
+
+    assert model_checkpoint(Settings(data_dir=tmp_path)) == shipped_model_path()  # verified sha256 and config
+    assert model_checkpoint(Settings(data_dir=tmp_path, preset="tiny")) is None  # a seeded random model
+    mine = tmp_path / "mine.pt"
+    assert model_checkpoint(Settings(data_dir=tmp_path, model_path=mine, preset="tiny")) == mine
+    with pytest.raises(CheckpointError, match="unknown shipped model"):
+        model_checkpoint(Settings(data_dir=tmp_path, model="no-such-model"))
