@@ -69,6 +69,15 @@ class ApiError(AcaError):
             self.code = code
         self.status = status if status is not None else self.http_status
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The remote twin of an engine error takes that class's code and status, so the two cannot drift apart.
+        if "code" not in cls.__dict__:
+            for base in cls.__mro__[1:]:
+                if issubclass(base, UserError) and not issubclass(base, ApiError) and base is not UserError:
+                    cls.code, cls.http_status = base.code, base.http_status
+                    break
+
     def __str__(self) -> str:
         return f"[{self.status} {self.code}] {self.message}"
 
@@ -172,37 +181,32 @@ class QueueFull(TooManyRequests):
     code = "queue_full"
 
 
-# The engine's user errors: subclasses of both, so ``except engine.errors.X`` catches the remote X as well.
+# The engine's user errors: subclasses of both, so ``except engine.errors.X`` catches the remote X as well; code and
+# status come from the engine class (ApiError.__init_subclass__).
 
 
 class InvalidVideo(ClientError, engine_errors.InvalidVideo):
-    code = engine_errors.InvalidVideo.code
-    http_status = engine_errors.InvalidVideo.http_status
+    pass
 
 
 class VideoTooLarge(PayloadTooLarge, engine_errors.VideoTooLarge):
-    code = engine_errors.VideoTooLarge.code
-    http_status = engine_errors.VideoTooLarge.http_status
+    pass
 
 
 class VideoTooLong(ClientError, engine_errors.VideoTooLong):
-    code = engine_errors.VideoTooLong.code
-    http_status = engine_errors.VideoTooLong.http_status
+    pass
 
 
 class ResolutionTooHigh(ClientError, engine_errors.ResolutionTooHigh):
-    code = engine_errors.ResolutionTooHigh.code
-    http_status = engine_errors.ResolutionTooHigh.http_status
+    pass
 
 
 class NoFaceFound(ClientError, engine_errors.NoFaceFound):
-    code = engine_errors.NoFaceFound.code
-    http_status = engine_errors.NoFaceFound.http_status
+    pass
 
 
 class InvalidLandmarks(ClientError, engine_errors.InvalidLandmarks):
-    code = engine_errors.InvalidLandmarks.code
-    http_status = engine_errors.InvalidLandmarks.http_status
+    pass
 
 
 # --- raised by the client itself, not by a response ---------------------------------------------------------
